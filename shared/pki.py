@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 KEY_FILE_MODE = 0o600
@@ -41,7 +42,9 @@ class CertificateFormatError(PkiError, ValueError):
     """Bytes or a file that do not hold the expected PEM certificate or key."""
 
 
-def create_ca(out_dir: Path, name: str = "fednestd-ca", *, valid_days: int = CA_VALID_DAYS) -> tuple[Path, Path]:
+def create_ca(
+    out_dir: Path, name: str = "fednestd-ca", *, valid_days: int = CA_VALID_DAYS
+) -> tuple[Path, Path]:
     """Create a self-signed CA; returns (ca.pem, ca.key). The CA may sign leaves only (pathlen 0)."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = _name(name)
@@ -171,8 +174,10 @@ def _load_ca(ca_cert: Path, ca_key: Path) -> tuple[x509.Certificate, ec.Elliptic
     return ca, key
 
 
-def _spki(public_key: ec.EllipticCurvePublicKey | x509.CertificatePublicKeyTypes) -> bytes:
-    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+def _spki(public_key: CertificatePublicKeyTypes) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def _load_cert(pem: bytes, what: str) -> x509.Certificate:

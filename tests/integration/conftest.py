@@ -1,0 +1,65 @@
+"""Real servers for integration tests: one PKI, one Mosquitto and one Kafka per test session.
+
+Everything listens on 127.0.0.1 only. Every test in this directory is marked `integration`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from fednestd.agent.uplink import Uplink
+from fednestd.backend.devstack import BRIDGE_IDENTITY, DevPki, KafkaServer, MosquittoServer, bootstrap_topics
+
+_HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.is_relative_to(_HERE):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> DevPki:
+    """CA, broker certificate, bridge certificate (CN fednestd-bridge); `pki.device(id)` issues more."""
+    return DevPki.create(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def mosquitto(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoServer]:
+    with MosquittoServer(
+        pki.ca, pki.server_cert, pki.server_key, tmp_path_factory.mktemp("mosquitto")
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServer]:
+    """A started single-node Kafka with every topic of KAFKA_TOPICS created."""
+    with KafkaServer(tmp_path_factory.mktemp("kafka")) as server:
+        asyncio.run(bootstrap_topics(server.bootstrap))
+        yield server
+
+
+@pytest.fixture
+def make_uplink(pki: DevPki, mosquitto: MosquittoServer) -> Iterator[Callable[..., Uplink]]:
+    """Factory: `make_uplink("dev-a")` is a connected Uplink for that device (or the bridge's CN).
+
+    `client_id` defaults to the identity. Uplinks are closed when the test ends.
+    """
+    opened: list[Uplink] = []
+
+    def make(identity: str, client_id: str | None = None) -> Uplink:
+        cert, key = (pki.bridge_cert, pki.bridge_key) if identity == BRIDGE_IDENTITY else pki.device(identity)
+        uplink = Uplink(mosquitto.host, mosquitto.port, pki.ca, cert, key, client_id or identity)
+        uplink.connect()
+        opened.append(uplink)
+        return uplink
+
+    yield make
+    for uplink in opened:
+        uplink.close()
