@@ -18,6 +18,7 @@ from safetensors.numpy import load_file, save_file
 from fednestd.shared.config import BackendConfig, ModelConfig
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
