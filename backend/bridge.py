@@ -63,6 +63,11 @@ class BridgeStats:
     announced: int = 0
 
 
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("announcement relay stopped: %r", task.exception())
+
+
 class Bridge:
     def __init__(self, cfg: BackendConfig, client_id: str = "fednestd-bridge") -> None:
         self.cfg = cfg
@@ -126,7 +131,7 @@ class Bridge:
         consumer = AIOKafkaConsumer(
             KAFKA_ROUNDS,
             bootstrap_servers=self.cfg.kafka.bootstrap,
-            group_id="fednestd-bridge-downlink",
+            group_id=f"{self.cfg.kafka.group_id}-bridge-downlink",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
         )
@@ -152,6 +157,7 @@ class Bridge:
         self._mqtt.connect(self.cfg.mqtt.host, self.cfg.mqtt.port, keepalive=30, clean_start=False, properties=props)
         self._mqtt.loop_start()
         announcer = asyncio.create_task(self._announce_loop())
+        announcer.add_done_callback(_log_crash)
         try:
             await asyncio.wait_for(self._connected.wait(), timeout=30)
             log.info("bridge up: MQTT %s:%d <-> Kafka %s", self.cfg.mqtt.host, self.cfg.mqtt.port, self.cfg.kafka.bootstrap)

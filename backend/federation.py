@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +59,8 @@ class Federation:
             "state_dir": str(self.root / "backend"),
             "ca_cert": str(self.pki.ca),
             "model": self.model.model_dump(),
-            "kafka": {"bootstrap": self.kafka.bootstrap},
+            # A group per federation: several federations may share one test broker.
+            "kafka": {"bootstrap": self.kafka.bootstrap, "group_id": f"agg-{uuid.uuid4().hex[:12]}"},
             "mqtt": {"host": self.mosquitto.host, "port": self.mosquitto.port, "ca": str(self.pki.ca),
                      "cert": str(self.pki.bridge_cert), "key": str(self.pki.bridge_key)},
             "aggregation": self.aggregation.model_dump(),
