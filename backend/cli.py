@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 from pathlib import Path
@@ -214,8 +213,7 @@ def demo(
     """A local federation: Mosquitto, Kafka, backend and device agents on Shakespeare roles."""
     from fednestd.backend.demo import run_demo
 
-    rows = run_demo(workdir, devices_n, versions)
-    typer.echo(json.dumps(rows))
+    run_demo(workdir, devices_n, versions)
 
 
 if __name__ == "__main__":
