@@ -109,7 +109,7 @@ class Aggregator:
         """Check one update against the current model; raise EnvelopeError with the reason to refuse it."""
         env = envelope.decode(payload)
         envelope.check_against_model(env, self._shapes)
-        ident = self.devices.identity(env.device_id)
+        ident = self.devices.check_sender(env.device_id, env.device_id)  # enrolled, not revoked, CA-issued
         envelope.verify_signature(env, ident.signing_key)
         if env.update_id in self.seen or any(b.env.update_id == env.update_id for b in self.buffer):
             raise EnvelopeError("duplicate", f"update {env.update_id} was already merged or buffered")
