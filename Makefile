@@ -40,7 +40,8 @@ export MLFLOW_DISABLE_TELEMETRY := true
 
 apt:
 	@missing=""; for pkg in $(APT_PACKAGES); do \
-		dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$pkg"; \
+		status=$$(dpkg-query -W -f='$${Status}' "$$pkg" 2>/dev/null || true); \
+		[ "$$status" = "install ok installed" ] || missing="$$missing $$pkg"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		echo "apt: installing$$missing"; \
@@ -84,7 +85,9 @@ kafka:
 	fi
 
 opa:
-	@if ! $(OPA) version 2>/dev/null | grep -qx "Version: $(OPA_VERSION:v%=%)"; then \
+	@# (no `opa version | grep -q`: with pipefail, grep's early exit would fail the pipeline)
+	@version=$$($(OPA) version 2>/dev/null || true); \
+	if [[ "$$version" != *"Version: $(OPA_VERSION:v%=%)"* ]]; then \
 		command -v go >/dev/null || { echo "opa: needs Go (>= 1.26, from go.dev) on PATH to build OPA $(OPA_VERSION)" >&2; exit 1; }; \
 		echo "opa: building $(OPA_VERSION) into $(CACHE)/bin"; \
 		GOBIN=$(CACHE)/bin go install github.com/open-policy-agent/opa@$(OPA_VERSION); \

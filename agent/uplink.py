@@ -64,7 +64,11 @@ class PublishResult:
 
 
 class Uplink:
-    """One MQTT v5 session over mutual TLS. Handlers run on paho's network thread: keep them short."""
+    """One MQTT v5 session over mutual TLS.
+
+    `host` must be a name or address in the broker certificate (it is checked). Handlers run on
+    paho's network thread: keep them short.
+    """
 
     def __init__(
         self,

@@ -189,9 +189,12 @@ class MosquittoServer(_Subprocess):
         work_dir: Path | None = None,
         *,
         bridge_identity: str = BRIDGE_IDENTITY,
+        port: int = 0,
         binary: str | None = None,
     ) -> None:
+        """`port` 0 picks a free one at each start; a fixed port lets a restart keep client settings."""
         super().__init__(work_dir)
+        self.fixed_port = port
         self.ca, self.cert, self.key = Path(ca), Path(cert), Path(key)
         self.bridge_identity = bridge_identity
         self.binary = binary or os.environ.get("FEDNESTD_MOSQUITTO") or _find_mosquitto()
@@ -232,8 +235,9 @@ class MosquittoServer(_Subprocess):
                 raise FileNotFoundError(f"MosquittoServer: TLS file {path} does not exist")
         (self.work_dir / "data").mkdir(exist_ok=True)
         (self.work_dir / "acl").write_text(mosquitto_acl(self.bridge_identity))
-        for attempt in range(3):  # the free port may be taken between picking and binding it
-            self.port = free_port()
+        attempts = 1 if self.fixed_port else 3  # a picked port may be taken before mosquitto binds it
+        for attempt in range(attempts):
+            self.port = self.fixed_port or free_port()
             conf = self.work_dir / "mosquitto.conf"
             conf.write_text(self.config())
             self._spawn([self.binary, "-c", str(conf)])
@@ -243,7 +247,7 @@ class MosquittoServer(_Subprocess):
             except BaseException as exc:
                 self.stop()
                 port_taken = "Address already in use" in self.log_tail()
-                if not isinstance(exc, ServerStartError) or not port_taken or attempt == 2:
+                if not isinstance(exc, ServerStartError) or not port_taken or attempt == attempts - 1:
                     raise
 
 

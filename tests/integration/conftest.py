@@ -37,6 +37,17 @@ def mosquitto(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         yield server
 
 
+@pytest.fixture
+def private_mosquitto(pki: DevPki, tmp_path: Path) -> Iterator[MosquittoServer]:
+    """A broker for one test, for state the session broker may hold from other tests.
+
+    E.g. a bridge with a persistent session stays a member of the `$share/fednestd-bridges` group
+    after it disconnects, and the broker keeps routing a share of the updates to it.
+    """
+    with MosquittoServer(pki.ca, pki.server_cert, pki.server_key, tmp_path / "private-mosquitto") as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServer]:
     """A started single-node Kafka with every topic of KAFKA_TOPICS created."""
@@ -49,13 +60,15 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServer]:
 def make_uplink(pki: DevPki, mosquitto: MosquittoServer) -> Iterator[Callable[..., Uplink]]:
     """Factory: `make_uplink("dev-a")` is a connected Uplink for that device (or the bridge's CN).
 
-    `client_id` defaults to the identity. Uplinks are closed when the test ends.
+    `client_id` defaults to the identity, `broker` to the session broker. Uplinks are closed when
+    the test ends.
     """
     opened: list[Uplink] = []
 
-    def make(identity: str, client_id: str | None = None) -> Uplink:
+    def make(identity: str, client_id: str | None = None, broker: MosquittoServer | None = None) -> Uplink:
         cert, key = (pki.bridge_cert, pki.bridge_key) if identity == BRIDGE_IDENTITY else pki.device(identity)
-        uplink = Uplink(mosquitto.host, mosquitto.port, pki.ca, cert, key, client_id or identity)
+        server = broker or mosquitto
+        uplink = Uplink(server.host, server.port, pki.ca, cert, key, client_id or identity)
         uplink.connect()
         opened.append(uplink)
         return uplink

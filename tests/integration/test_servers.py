@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -80,13 +81,18 @@ def test_certificate_from_another_ca_cannot_connect(
         uplink.connect(timeout=10)
 
 
-def test_bridge_receives_device_update_via_shared_subscription(make_uplink: MakeUplink) -> None:
+def test_bridge_receives_device_update_via_shared_subscription(
+    make_uplink: MakeUplink, private_mosquitto: MosquittoServer
+) -> None:
+    # A private broker: other tests' bridges may remain members of the share group on the session one.
     received, handler = _collector()
-    bridge = make_uplink(BRIDGE_IDENTITY, client_id="bridge-0")
+    bridge = make_uplink(BRIDGE_IDENTITY, client_id="bridge-0", broker=private_mosquitto)
     bridge.subscribe(MQTT_UPDATES_SUBSCRIPTION, handler)
-    payload = uuid.uuid4().bytes
-    assert make_uplink("dev-share").publish(updates_topic("dev-share"), payload, timeout=10).ok
-    assert received.get(timeout=10) == (updates_topic("dev-share"), payload)
+    device = make_uplink("dev-share", broker=private_mosquitto)
+    payloads = [uuid.uuid4().bytes for _ in range(3)]
+    for payload in payloads:
+        assert device.publish(updates_topic("dev-share"), payload, timeout=10).ok
+    assert [received.get(timeout=10) for _ in payloads] == [(updates_topic("dev-share"), p) for p in payloads]
 
 
 def test_device_does_not_receive_another_devices_updates(make_uplink: MakeUplink) -> None:
@@ -114,6 +120,38 @@ def test_device_reads_retained_announcement_and_its_control_topic(make_uplink: M
     assert received.get(timeout=10) == (MQTT_ANNOUNCE, announcement)
     assert bridge.publish(control_topic("dev-late"), b"pause", timeout=10).ok
     assert received.get(timeout=10) == (control_topic("dev-late"), b"pause")
+
+
+def test_uplink_reconnects_and_resubscribes_after_broker_restart(pki: DevPki, tmp_path: Path) -> None:
+    # A private broker: restarting the session one would disturb other tests.
+    with MosquittoServer(pki.ca, pki.server_cert, pki.server_key, tmp_path / "mq") as first:
+        port = first.port
+    received, handler = _collector()
+    broker = MosquittoServer(pki.ca, pki.server_cert, pki.server_key, tmp_path / "mq", port=port)
+    with broker:
+        cert, key = pki.device("dev-restart")
+        bridge = Uplink(broker.host, port, pki.ca, pki.bridge_cert, pki.bridge_key, "bridge-restart")
+        device = Uplink(broker.host, port, pki.ca, cert, key, "dev-restart")
+        with bridge, device:
+            bridge.connect()
+            device.connect()
+            bridge.subscribe(updates_topic("dev-restart"), handler)
+
+            broker.stop()
+            _wait_until(lambda: not bridge.connected and not device.connected, 10)
+            broker.start()
+            _wait_until(lambda: bridge.connected and device.connected, 30)
+
+            payload = uuid.uuid4().bytes
+            assert device.publish(updates_topic("dev-restart"), payload, timeout=10).ok
+            assert received.get(timeout=10) == (updates_topic("dev-restart"), payload)
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
 
 
 def test_kafka_round_trip_on_updates_topic(kafka: KafkaServer) -> None:
