@@ -52,14 +52,16 @@ class OrtTrainer(Trainer):
         self._dir = bundle_dir
         self.model = ModelConfig.model_validate(json.loads((bundle_dir / "manifest.json").read_text())["model"])
         self._state = api.CheckpointState.load_checkpoint(str(bundle_dir / "checkpoint"))
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads  # the one knob ORT training honours; the optimizer reuses it
         self._module = api.Module(
             str(bundle_dir / "training_model.onnx"),
             self._state,
             str(bundle_dir / "eval_model.onnx"),
             device="cpu",
+            session_options=options,
         )
         self._optimizer = api.Optimizer(str(bundle_dir / "optimizer_model.onnx"), self._module)
-        self._threads = threads
 
     def evaluate(self, texts: list[str]) -> float:
         x, y = windows(encode_stream(texts), self.model.max_seq_len)

@@ -98,10 +98,19 @@ class Federation:
                        cwd=self.root, capture_output=True)
 
     def start_backend(self, max_versions: int | None = None) -> None:
-        self._spawn("bridge", [*backend_command(), "tier1", "bridge", "-c", str(self.tier1_path)])
+        self.start_bridge()
+        self.start_aggregator(max_versions)
+
+    def start_bridge(self) -> subprocess.Popen[bytes]:
+        return self._spawn("bridge", [*backend_command(), "tier1", "bridge", "-c", str(self.tier1_path)])
+
+    def start_aggregator(self, max_versions: int | None = None, name: str = "aggregator") -> subprocess.Popen[bytes]:
         extra = ["--max-versions", str(max_versions)] if max_versions else []
-        self._spawn("aggregator", [*backend_command(), "tier1", "aggregate-experts", "-c",
-                                   str(self.tier1_path), *extra])
+        return self._spawn(name, [*backend_command(), "tier1", "aggregate-experts", "-c", str(self.tier1_path), *extra])
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def start_agent(self, device_id: str) -> subprocess.Popen[bytes]:
         return self._spawn(f"agent-{device_id}", [*agent_command(), "run", "-c", str(self.agent_configs[device_id])])
