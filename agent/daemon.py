@@ -11,14 +11,13 @@ import logging
 import queue
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from fednestd.agent.audit import AuditLog
 from fednestd.agent.outbox import Outbox
 from fednestd.agent.sidecar import Decision, PolicyEngine, make_engine
 from fednestd.agent.trainer import make_trainer
 from fednestd.agent.updater import ModelUpdater, UpdateError
-from fednestd.agent.uplink import Uplink
+from fednestd.agent.uplink import Uplink, UplinkError, UplinkTimeout, UplinkUnreachable
 from fednestd.shared import announce, crypto, envelope
 from fednestd.shared.config import AgentConfig
 from fednestd.shared.data import read_jsonl, split_heldout
@@ -122,11 +121,16 @@ class Agent:
 
     def flush_outbox(self) -> int:
         """Publish queued updates; each is deleted only after a successful PUBACK."""
-        if self.uplink is None:
-            return 0
+        if self.uplink is None or not self.uplink.connected:
+            return 0  # paho reconnects by itself; the outbox keeps everything meanwhile
         sent = 0
         for item in self.outbox.pending():
-            result = self.uplink.publish(item.topic, item.payload)
+            try:
+                result = self.uplink.publish(item.topic, item.payload)
+            except UplinkError as exc:  # broker away: keep everything queued and retry next pass
+                self.outbox.mark_attempt(item.update_id, str(exc))
+                log.warning("upload of %s postponed: %s", item.update_id, exc)
+                break
             if result.ok:
                 self.outbox.delete(item.update_id)
                 self.audit.record("export", {"update_id": item.update_id, "topic": item.topic, "bytes": len(item.payload)})
@@ -140,7 +144,7 @@ class Agent:
     def run(self, poll_s: float = 0.5) -> None:
         if self.uplink is None:
             raise RuntimeError("the service loop needs an uplink")
-        self.uplink.connect()
+        self._connect()
         self.uplink.subscribe(MQTT_ANNOUNCE, lambda _topic, payload: self._announcements.put(payload))
         rounds = 0
         try:
@@ -164,6 +168,19 @@ class Agent:
                         return
         finally:
             self.uplink.close()
+
+    def _connect(self, max_delay_s: float = 60.0) -> None:
+        """Retry an unreachable broker with backoff; a refused certificate is fatal (systemd restarts us)."""
+        assert self.uplink is not None
+        delay = 1.0
+        while True:
+            try:
+                self.uplink.connect()
+                return
+            except (UplinkUnreachable, UplinkTimeout) as exc:
+                log.warning("broker not reachable (%s); retrying in %.0fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, max_delay_s)
 
     def _reject(self, what: str, reason: str) -> None:
         log.error("rejected %s: %s", what, reason)
