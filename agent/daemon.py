@@ -133,7 +133,9 @@ class Agent:
                 break
             if result.ok:
                 self.outbox.delete(item.update_id)
-                self.audit.record("export", {"update_id": item.update_id, "topic": item.topic, "bytes": len(item.payload)})
+                self.audit.record(
+                    "export", {"update_id": item.update_id, "topic": item.topic, "bytes": len(item.payload)}
+                )
                 sent += 1
             else:
                 self.outbox.mark_attempt(item.update_id, f"{result.reason_code} {result.reason}")

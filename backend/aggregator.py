@@ -136,7 +136,9 @@ class Aggregator:
         metrics = {
             "updates_merged": float(len(updates)),
             "mean_staleness": float(np.mean([u["staleness"] for u in updates])),
-            "mean_device_train_loss": float(np.mean([b.env.metrics.get("train_loss_last", np.nan) for b in self.buffer])),
+            "mean_device_train_loss": float(
+                np.mean([b.env.metrics.get("train_loss_last", np.nan) for b in self.buffer])
+            ),
         }
         version = self.registry.register(self.model_cfg, parts, lineage, metrics)
         self.parts, self.version = parts, version

@@ -149,7 +149,9 @@ class Bridge:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         self._loop = asyncio.get_running_loop()
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.cfg.kafka.bootstrap, acks="all", enable_idempotence=True)
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self.cfg.kafka.bootstrap, acks="all", enable_idempotence=True
+        )
         await self._producer.start()
         self._mqtt = self._make_mqtt()
         props = Properties(PacketTypes.CONNECT)
@@ -160,7 +162,8 @@ class Bridge:
         announcer.add_done_callback(_log_crash)
         try:
             await asyncio.wait_for(self._connected.wait(), timeout=30)
-            log.info("bridge up: MQTT %s:%d <-> Kafka %s", self.cfg.mqtt.host, self.cfg.mqtt.port, self.cfg.kafka.bootstrap)
+            log.info("bridge up: MQTT %s:%d <-> Kafka %s",
+                     self.cfg.mqtt.host, self.cfg.mqtt.port, self.cfg.kafka.bootstrap)
             await (stop.wait() if stop else asyncio.Event().wait())
         finally:
             announcer.cancel()

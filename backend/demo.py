@@ -115,8 +115,9 @@ def run_demo(workdir: Path, n_devices: int = 3, versions: int = 3, timeout: floa
         table.add_row(f"v{version}", f"{len(lineage['updates'])} ({merged})",
                       *(f"{b:.3f} -> {a:.3f}" for b, a in zip(before, after, strict=True)),
                       f"{np.mean(before):.3f} -> {np.mean(after):.3f}")
-        rows.append({"version": version, "updates": lineage["updates"], "before": dict(zip(device_ids, before)),
-                     "after": dict(zip(device_ids, after))})
+        rows.append({"version": version, "updates": lineage["updates"],
+                     "before": dict(zip(device_ids, before, strict=True)),
+                     "after": dict(zip(device_ids, after, strict=True))})
     Console(width=max(console.width, 110)).print(table)
     plot_losses(losses, all_versions, root / "heldout_loss.png")
     (root / "results.json").write_text(json.dumps(rows, indent=1))

@@ -70,7 +70,8 @@ class ModelRegistry:
             root = Path(tmp) / "model"
             root.mkdir()
             for part in ("core", "experts"):
-                save_file({k: np.ascontiguousarray(v) for k, v in parts[part].items()}, str(root / f"{part}.safetensors"))
+                tensors = {k: np.ascontiguousarray(v) for k, v in parts[part].items()}
+                save_file(tensors, str(root / f"{part}.safetensors"))
             (root / "model_config.json").write_text(cfg.model_dump_json(indent=1))
             (root / "lineage.json").write_text(json.dumps(lineage, indent=1, sort_keys=True))
             self._client.log_artifacts(run_id, str(root), artifact_path="model")

@@ -26,7 +26,7 @@ print(json.dumps({
     "allow": result.decision.allow, "update_id": result.update_id, "heldout": result.heldout_loss,
     "queued": len(agent.outbox), "loaded": sorted(m for m in %r if m in sys.modules),
 }))
-""" % (FORBIDDEN,)
+""".replace("%r", repr(FORBIDDEN))
 
 
 @pytest.fixture(scope="module")

@@ -110,7 +110,8 @@ def test_tampered_bundle_is_not_installed(tmp_path: Path, backend: Backend) -> N
     body = json.loads(ann)
     body["bundle_url"] = (forged / "v1").as_uri()
     key = crypto.load_private_key(backend.key_path)
-    resigned = Announcement(body["version"], body["bundle_url"], body["manifest_sha256"], body["created_at"]).encode(key)
+    fields = (body["version"], body["bundle_url"], body["manifest_sha256"], body["created_at"])
+    resigned = Announcement(*fields).encode(key)
     agent = _agent(tmp_path, backend)
     assert agent.handle_announcement(resigned) is None
     assert agent.updater.installed_version() is None

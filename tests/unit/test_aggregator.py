@@ -76,7 +76,8 @@ def test_merge_registers_a_version_with_lineage_and_changes_only_experts(agg: Ag
     for name, arr in stored.parts["core"].items():
         np.testing.assert_array_equal(arr, core[name])
     changed = [n for n, arr in stored.parts["experts"].items() if not np.array_equal(arr, before[n])]
-    assert sorted(changed) == sorted(f"{b}.weight" for b in {n.rsplit(".", 1)[0] for n in adapter_shapes(agg.model_cfg)})
+    adapted = {n.rsplit(".", 1)[0] for n in adapter_shapes(agg.model_cfg)}
+    assert sorted(changed) == sorted(f"{b}.weight" for b in adapted)
     # A restarted aggregator rebuilds its dedup set from the registry: the same update is a duplicate.
     again = Aggregator(agg.cfg)
     assert again.initialise() == 2

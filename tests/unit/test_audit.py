@@ -6,6 +6,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+
 from fednestd.agent.audit import GENESIS_HASH, AuditLog, canonical_json, entry_hash
 
 

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from fednestd.agent.outbox import Outbox, OutboxConflictError, OutboxItemNotFoundError
 
 TOPIC = "fl/v1/devices/dev-a/updates"

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import regorus
+
 from fednestd.agent.sidecar import (
     FAILED_PREFIX,
     Decision,
