@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
+from fednestd.agent.storage import open_durable
 
 GENESIS_HASH = "0" * 64
 TABLE = "audit"
@@ -59,12 +58,7 @@ class AuditLog:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
-        self._db = sqlite_utils.Database(conn)
-        self._db.enable_wal()
-        # FULL: a recorded decision survives power loss, not only a crash of this process.
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_durable(self.path)
         self._db[TABLE].create(
             {"seq": int, "ts": str, "event": str, "payload": str, "prev_hash": str, "hash": str},
             pk="seq",

@@ -8,7 +8,6 @@ Durability: WAL with synchronous=FULL, so an `enqueue` that returned has been fs
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import sqlite_utils
+from fednestd.agent.storage import open_durable
 
 TABLE = "outbox"
 
@@ -50,11 +49,7 @@ class Outbox:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
-        self._db = sqlite_utils.Database(conn)
-        self._db.enable_wal()
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_durable(self.path)
         self._db[TABLE].create(
             {
                 "update_id": str,

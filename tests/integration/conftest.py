@@ -6,6 +6,8 @@ Everything listens on 127.0.0.1 only. Every test in this directory is marked `in
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +15,10 @@ import pytest
 
 from fednestd.agent.uplink import Uplink
 from fednestd.backend.devstack import BRIDGE_IDENTITY, DevPki, KafkaServer, MosquittoServer, bootstrap_topics
+from fednestd.backend.federation import Federation
+from fednestd.shared import announce, crypto
+from fednestd.shared.config import AggregationConfig, BackendConfig, load_config
+from fednestd.shared.topics import MQTT_ANNOUNCE
 
 _HERE = Path(__file__).parent
 
@@ -74,5 +80,61 @@ def make_uplink(pki: DevPki, mosquitto: MosquittoServer) -> Iterator[Callable[..
         return uplink
 
     yield make
+    for uplink in opened:
+        uplink.close()
+
+
+@pytest.fixture
+def make_federation(tmp_path: Path, pki: DevPki, mosquitto: MosquittoServer,
+                    kafka: KafkaServer) -> Iterator[Callable[..., Federation]]:
+    """Factory: a federation on the session brokers with these devices enrolled (placeholder data)."""
+    made: list[Federation] = []
+
+    def make(devices: tuple[str, ...], buffer_size: int = 2) -> Federation:
+        aggregation = AggregationConfig(buffer_size=buffer_size)
+        fed = Federation(tmp_path / "fed", pki, mosquitto, kafka, aggregation=aggregation)
+        fed.write_backend_config()
+        data = tmp_path / "placeholder.jsonl"
+        data.write_text(json.dumps({"text": "unused"}) + "\n")
+        for device_id in devices:
+            fed.enroll(device_id, data)
+        made.append(fed)
+        return fed
+
+    yield make
+    for fed in made:
+        fed.stop()
+
+
+@pytest.fixture
+def device_link(pki: DevPki, mosquitto: MosquittoServer) -> Iterator[Callable[[Federation, str], Uplink]]:
+    """Factory: a device's Uplink, returned once this federation's bridge relays its announcement.
+
+    Until a bridge subscribes, updates have no receiver; a retained announcement of an earlier
+    federation on the shared broker does not count (it is signed by another backend key).
+    """
+    opened: list[Uplink] = []
+
+    def link(fed: Federation, device_id: str) -> Uplink:
+        backend = load_config(fed.tier1_path, BackendConfig)
+        backend_key = crypto.load_public_key(crypto.public_key_path(backend.signing_key))
+        cert, key = pki.device(device_id)
+        uplink = Uplink(mosquitto.host, mosquitto.port, pki.ca, cert, key, client_id=f"{device_id}-test")
+        uplink.connect()
+        opened.append(uplink)
+        ready = threading.Event()
+
+        def on_announce(_topic: str, raw: bytes) -> None:
+            try:
+                announce.decode(raw, backend_key)
+            except announce.AnnouncementError:
+                return
+            ready.set()
+
+        uplink.subscribe(MQTT_ANNOUNCE, on_announce)
+        fed.wait_for(ready.is_set, timeout=120, what="this backend's announcement (bridge up)")
+        return uplink
+
+    yield link
     for uplink in opened:
         uplink.close()

@@ -4,24 +4,21 @@ dead-letter topic, the consumer keeps running, and the model only ever sees good
 from __future__ import annotations
 
 import asyncio
-import json
-import threading
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
-import pytest
 from aiokafka import AIOKafkaConsumer
 from safetensors.numpy import save
 
 from fednestd.agent.uplink import Uplink
-from fednestd.backend.devstack import DevPki, KafkaServer, MosquittoServer
+from fednestd.backend.devstack import KafkaServer
 from fednestd.backend.federation import Federation
 from fednestd.backend.registry import ModelRegistry
-from fednestd.shared import announce, crypto, envelope
-from fednestd.shared.config import AggregationConfig, BackendConfig, load_config
+from fednestd.shared import crypto, envelope
+from fednestd.shared.config import BackendConfig, load_config
 from fednestd.shared.envelope import DeltaEnvelope
 from fednestd.shared.model import adapter_shapes
-from fednestd.shared.topics import KAFKA_DEADLETTER, MQTT_ANNOUNCE, updates_topic
+from fednestd.shared.topics import KAFKA_DEADLETTER, updates_topic
 
 DEVICES = ("bad-a", "bad-b")
 
@@ -56,20 +53,10 @@ async def _deadletters(bootstrap: str, want: int, timeout: float = 90) -> list[d
     return found
 
 
-@pytest.fixture
-def fed(tmp_path: Path, pki: DevPki, mosquitto: MosquittoServer, kafka: KafkaServer):
-    fed = Federation(tmp_path / "fed", pki, mosquitto, kafka, aggregation=AggregationConfig(buffer_size=2))
-    fed.write_backend_config()
-    data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"text": "unused"}) + "\n")
-    for device_id in DEVICES:
-        fed.enroll(device_id, data)
-    yield fed
-    fed.stop()
-
-
-def test_each_bad_update_is_dead_lettered_with_its_reason(fed: Federation, pki: DevPki,
-                                                         mosquitto: MosquittoServer, kafka: KafkaServer) -> None:
+def test_each_bad_update_is_dead_lettered_with_its_reason(
+    make_federation: Callable[..., Federation], device_link: Callable[[Federation, str], Uplink], kafka: KafkaServer
+) -> None:
+    fed = make_federation(DEVICES)
     backend = load_config(fed.tier1_path, BackendConfig)
     fed.init_model()
     fed.start_backend(max_versions=1)
@@ -105,31 +92,13 @@ def test_each_bad_update_is_dead_lettered_with_its_reason(fed: Federation, pki: 
         "unknown_tensor": envelope.encode(env(tensors=unknown), key),
         "future_base": envelope.encode(env(base_version=5), key),
     }
-    cert, tls_key = pki.device("bad-a")
-    uplink = Uplink(mosquitto.host, mosquitto.port, pki.ca, cert, tls_key, client_id="bad-a-test")
-    uplink.connect()
-    announced = threading.Event()
-    backend_key = crypto.load_public_key(crypto.public_key_path(backend.signing_key))
-
-    def on_announce(_topic: str, payload: bytes) -> None:
-        try:  # a retained announcement of an earlier federation on this broker does not count
-            announce.decode(payload, backend_key)
-        except announce.AnnouncementError:
-            return
-        announced.set()
-
-    uplink.subscribe(MQTT_ANNOUNCE, on_announce)
-    # The bridge relays v1's announcement once it is up: only then is anyone subscribed to updates.
-    fed.wait_for(announced.is_set, timeout=120, what="the bridge to relay v1's announcement")
-    try:
-        for payload in cases.values():
-            assert uplink.publish(updates_topic("bad-a"), payload).ok
-        # A replay of a good update is refused as a duplicate once the first copy is buffered.
-        good_bytes = envelope.encode(good, key)
-        for payload in (good_bytes, good_bytes):
-            assert uplink.publish(updates_topic("bad-a"), payload).ok
-    finally:
-        uplink.close()
+    uplink = device_link(fed, "bad-a")
+    for payload in cases.values():
+        assert uplink.publish(updates_topic("bad-a"), payload).ok
+    # A replay of a good update is refused as a duplicate once the first copy is buffered.
+    good_bytes = envelope.encode(good, key)
+    for payload in (good_bytes, good_bytes):
+        assert uplink.publish(updates_topic("bad-a"), payload).ok
 
     letters = asyncio.run(_deadletters(kafka.bootstrap, want=len(cases) + 1))
     ours = [d for d in letters if d["source"].startswith("fl/v1/devices/bad-a") or
@@ -150,13 +119,7 @@ def test_each_bad_update_is_dead_lettered_with_its_reason(fed: Federation, pki: 
     key_b = crypto.load_private_key(fed.agent_configs["bad-b"].parent / "signing.key")
     other = DeltaEnvelope(device_id="bad-b", base_version=1, rank=2, alpha=model_cfg.lora_alpha, num_samples=10,
                           tensors=_tensors(model_cfg, rank=2))
-    cert_b, tls_b = pki.device("bad-b")
-    uplink_b = Uplink(mosquitto.host, mosquitto.port, pki.ca, cert_b, tls_b, client_id="bad-b-test")
-    uplink_b.connect()
-    try:
-        assert uplink_b.publish(updates_topic("bad-b"), envelope.encode(other, key_b)).ok
-    finally:
-        uplink_b.close()
+    assert device_link(fed, "bad-b").publish(updates_topic("bad-b"), envelope.encode(other, key_b)).ok
     registry = ModelRegistry(backend)
     fed.wait_for(lambda: registry.versions() == [1, 2], timeout=120, what="v2 from the two good updates")
     merged = sorted(u["update_id"] for u in registry.load(2).lineage["updates"])

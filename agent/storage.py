@@ -1,0 +1,18 @@
+"""The device's local SQLite files (outbox, audit log) open the same durable way."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import sqlite_utils
+
+
+def open_durable(path: Path) -> sqlite_utils.Database:
+    """WAL plus synchronous=FULL: a committed row survives power loss, not only a crash of this process."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=30.0, check_same_thread=False)
+    db = sqlite_utils.Database(conn)
+    db.enable_wal()
+    db.execute("PRAGMA synchronous=FULL")
+    return db
