@@ -78,7 +78,7 @@ def audit_show(config: Path = ConfigOpt, event: str | None = typer.Option(None))
     cfg = _config(config)
     table = Table("seq", "ts", "event", "payload")
     for row in AuditLog(cfg.state_dir / "audit.db").rows(event):
-        table.add_row(str(row["seq"]), row["ts"], row["event"], row["payload"][:100])
+        table.add_row(str(row["seq"]), row["ts"], row["event"], json.dumps(row["payload"], sort_keys=True)[:120])
     Console().print(table)
 
 

@@ -56,7 +56,7 @@ class Agent:
         cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.audit = AuditLog(cfg.state_dir / "audit.db")
         self.outbox = Outbox(cfg.state_dir / "outbox.db")
-        self.policy: PolicyEngine = make_engine(cfg.policy_engine, list(cfg.policy_paths))
+        self.policy: PolicyEngine = make_engine(cfg.policy_engine, list(cfg.policy_paths), cfg.policy_data or None)
         self.backend_key = crypto.load_public_key(cfg.backend_public_key)
         self.signing_key = crypto.load_private_key(cfg.signing_key)
         self.updater = ModelUpdater(cfg.state_dir / "bundles", self.backend_key)

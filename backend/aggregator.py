@@ -98,7 +98,11 @@ class Aggregator:
         manifest = (bundle_dir / bundle.MANIFEST).read_bytes()
         ann = Announcement(
             version=self.version,
-            bundle_url=bundle_dir.resolve().as_uri(),
+            bundle_url=(
+                f"{self.cfg.bundle_base_url.rstrip('/')}/v{self.version}"
+                if self.cfg.bundle_base_url
+                else bundle_dir.resolve().as_uri()
+            ),
             manifest_sha256=hashlib.sha256(manifest).hexdigest(),
             created_at=datetime.now(UTC).isoformat(),
         )

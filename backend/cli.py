@@ -74,12 +74,19 @@ def check_config(path: Path, tier: str = typer.Option("tier1", help="tier1 or ti
 
 
 @pki_app.command("init")
-def pki_init(config: Path = ConfigOpt) -> None:
+def pki_init(
+    config: Path = ConfigOpt, force: bool = typer.Option(False, help="replace an existing CA and key")
+) -> None:
     """Create the CA, the broker and bridge certificates, and the backend signing key."""
     from fednestd.backend.devstack import DevPki
     from fednestd.shared import crypto
 
     cfg = _backend(config)
+    existing = [p for p in (cfg.ca_cert, cfg.signing_key) if p.exists()]
+    if existing and not force:
+        console.print(f"[red]refusing to replace {', '.join(map(str, existing))}[/red]: every enrolled device "
+                      "trusts them; pass --force to start a new PKI")
+        raise typer.Exit(1)
     DevPki.create(cfg.ca_cert.parent)
     crypto.generate_signing_key(cfg.signing_key)
     console.print(f"CA and certificates in {cfg.ca_cert.parent}; backend key {cfg.signing_key}")
@@ -100,7 +107,8 @@ def devices_enroll(
     device_id: str,
     data: Path = typer.Option(..., help="the device's local JSONL data"),
     out: Path = typer.Option(..., help="directory for the device kit"),
-    policy: list[Path] = typer.Option([Path("policies/egress.rego")], help="egress policy files"),
+    policy: list[Path] = typer.Option([Path("policies/egress.rego")], help="egress policy files (copied into the kit)"),
+    state_dir: str = typer.Option("/var/lib/fednestd", help="the agent's writable state on the device"),
     config: Path = ConfigOpt,
 ) -> None:
     """Issue a device certificate and signing key; write its kit with agent.yaml."""
@@ -111,7 +119,7 @@ def devices_enroll(
     try:
         path = DeviceRegistry(cfg.device_registry, cfg.ca_cert).enroll(
             device_id, cfg.ca_cert.parent / "ca.key", out, crypto.public_key_path(cfg.signing_key),
-            cfg.mqtt.host, cfg.mqtt.port, data, policy,
+            cfg.mqtt.host, cfg.mqtt.port, data, policy, state_dir,
         )
     except EnrollmentError as exc:
         console.print(f"[red]{exc}[/red]")
@@ -134,10 +142,15 @@ def devices_list(config: Path = ConfigOpt) -> None:
 def devices_revoke(device_id: str, config: Path = ConfigOpt) -> None:
     """Refuse every further update from this device."""
     from fednestd.backend.devices import DeviceRegistry
+    from fednestd.shared.envelope import EnvelopeError
 
     cfg = _backend(config)
-    DeviceRegistry(cfg.device_registry, cfg.ca_cert).revoke(device_id)
-    console.print(f"revoked {device_id}")
+    try:
+        DeviceRegistry(cfg.device_registry, cfg.ca_cert).revoke(device_id)
+    except EnvelopeError as exc:
+        console.print(f"[red]{exc.detail}[/red]")
+        raise typer.Exit(1) from exc
+    console.print(f"revoked {device_id}: its updates are refused from now on")
 
 
 @tier1.command("init-model")
@@ -167,12 +180,32 @@ def aggregate_experts(
 
 
 @tier1.command("bridge")
-def bridge(config: Path = ConfigOpt, verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+def bridge(
+    config: Path = ConfigOpt,
+    client_id: str = typer.Option("fednestd-bridge", help="unique per bridge instance; keep it across restarts"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
     """Bridge device updates MQTT -> Kafka and announcements Kafka -> MQTT."""
     from fednestd.backend.bridge import Bridge
 
     _logging(verbose)
-    asyncio.run(Bridge(_backend(config)).run())
+    asyncio.run(Bridge(_backend(config), client_id=client_id).run())
+
+
+@tier1.command("serve-bundles")
+def serve_bundles(
+    config: Path = ConfigOpt,
+    host: str = typer.Option("127.0.0.1", help="bind address (put TLS in front for a fleet)"),
+    port: int = typer.Option(8080),
+) -> None:
+    """Serve compiled bundles over HTTP for `bundle_base_url` (integrity comes from the signed manifest)."""
+    from fednestd.backend.compiler import bundle_server
+
+    cfg = _backend(config)
+    cfg.bundle_dir.mkdir(parents=True, exist_ok=True)
+    server = bundle_server(cfg.bundle_dir, host, port)
+    console.print(f"serving {cfg.bundle_dir} on http://{host}:{server.server_address[1]}/")
+    server.serve_forever()
 
 
 @tier2.command("run-client")

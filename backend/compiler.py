@@ -7,9 +7,11 @@ parameter stays a named initializer; onnx's IR version is lowered to 10 for ORT 
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 from datetime import UTC, datetime
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +119,9 @@ def compile_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return final
+
+
+def bundle_server(bundle_dir: Path, host: str, port: int) -> ThreadingHTTPServer:
+    """A read-only HTTP server for the bundle directory; devices verify what they fetch."""
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(bundle_dir))
+    return ThreadingHTTPServer((host, port), handler)

@@ -47,27 +47,31 @@ class DeviceRegistry:
         mqtt_port: int,
         data_path: Path,
         policy_paths: list[Path],
+        state_dir: str = "state",
     ) -> Path:
         if not DEVICE_ID_RE.match(device_id):
             raise EnrollmentError(f"device id {device_id!r} must match {DEVICE_ID_RE.pattern}")
-        if (self.root / device_id).exists():
-            raise EnrollmentError(f"device {device_id!r} is already enrolled; revoke it first")
+        record = self.root / device_id
+        if record.exists() and not (record / "revoked").exists():
+            raise EnrollmentError(f"device {device_id!r} is already enrolled; revoke it first to re-enroll")
         kit_dir.mkdir(parents=True, exist_ok=True)
         cert, key = pki.issue_client_cert(self.ca_cert, ca_key, device_id, kit_dir)
         crypto.generate_signing_key(kit_dir / "signing.key")
         shutil.copyfile(self.ca_cert, kit_dir / "ca.pem")
         shutil.copyfile(backend_public_key, kit_dir / "backend.pub")
-        record = self.root / device_id
+        for policy in policy_paths:  # the kit carries its policy: nothing refers back to this machine
+            shutil.copyfile(policy, kit_dir / policy.name)
+        shutil.rmtree(record, ignore_errors=True)
         record.mkdir()
         shutil.copyfile(cert, record / "cert.pem")
         shutil.copyfile(kit_dir / "signing.pub", record / "signing.pub")
         config = {
             "device_id": device_id,
             "data_path": str(data_path.resolve()),
-            "state_dir": "state",
+            "state_dir": state_dir,
             "signing_key": "signing.key",
             "backend_public_key": "backend.pub",
-            "policy_paths": [str(p.resolve()) for p in policy_paths],
+            "policy_paths": [p.name for p in policy_paths],
             "mqtt": {"host": mqtt_host, "port": mqtt_port, "ca": "ca.pem", "cert": cert.name, "key": key.name},
         }
         (kit_dir / "agent.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

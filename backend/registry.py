@@ -118,7 +118,11 @@ class ModelRegistry:
         self._client.set_registered_model_alias(self.name, alias, str(version))
 
     def describe(self) -> list[dict[str, str]]:
+        aliases: dict[str, list[str]] = {}
+        for alias, version in self._client.get_registered_model(self.name).aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
         rows = []
         for mv in sorted(self._client.search_model_versions(f"name='{self.name}'"), key=lambda v: int(v.version)):
-            rows.append({"version": mv.version, "aliases": ",".join(mv.aliases), **dict(mv.tags)})
+            version = str(mv.version)
+            rows.append({"version": version, "aliases": ",".join(sorted(aliases.get(version, []))), **dict(mv.tags)})
         return rows

@@ -34,8 +34,8 @@ mqtt:
   host: 127.0.0.1
   port: 8883
   ca: run/pki/ca.pem
-  cert: run/pki/fednestd-bridge.pem
-  key: run/pki/fednestd-bridge.key
+  cert: run/pki/clients/fednestd-bridge.pem
+  key: run/pki/clients/fednestd-bridge.key
 
 # MLflow tracking/registry URI; leave unset for a sqlite store in state_dir.
 # mlflow_tracking_uri: http://mlflow.internal:5000

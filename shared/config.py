@@ -72,6 +72,9 @@ class AgentConfig(_Strict):
     signing_key: Path = Field(description="the device's Ed25519 private key (PEM)")
     backend_public_key: Path = Field(description="verifies model bundles and announcements")
     policy_paths: list[Path] = Field(min_length=1, description="Rego v1 egress policy files")
+    policy_data: dict = Field(
+        default_factory=dict, description="data document for the policy, e.g. {fednestd: {egress_config: ...}}"
+    )
     policy_engine: Literal["rego"] = "rego"
     trainer: Literal["ort"] = "ort"
     mqtt: MqttConfig
@@ -106,6 +109,10 @@ class BackendConfig(_Strict):
     mlflow_tracking_uri: str | None = Field(None, description="default: sqlite store in state_dir")
     registered_model: str = "fednestd-moe"
     aggregation: AggregationConfig = AggregationConfig()
+    bundle_base_url: str | None = Field(
+        None, description="where devices fetch bundles, e.g. https://models.example/bundles "
+        "(served by `fednestd tier1 serve-bundles`); default: file:// paths for one-machine setups",
+    )
 
     @property
     def tracking_uri(self) -> str:

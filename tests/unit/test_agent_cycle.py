@@ -52,13 +52,14 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> Backend:
     return Backend(root / "backend.key", root / "bundles")
 
 
-def _agent(tmp_path: Path, backend: Backend, policy: Path = POLICY) -> Agent:
+def _agent(tmp_path: Path, backend: Backend, policy_data: dict | None = None) -> Agent:
     data = tmp_path / "local.jsonl"
     data.write_text("".join(json.dumps({"text": line + f" {i}"}) + "\n" for i, line in enumerate(LINES)))
     crypto.generate_signing_key(tmp_path / "signing.key")
     cfg = AgentConfig(
         device_id="dev-a", data_path=data, state_dir=tmp_path / "state", signing_key=tmp_path / "signing.key",
-        backend_public_key=crypto.public_key_path(backend.key_path), policy_paths=[policy],
+        backend_public_key=crypto.public_key_path(backend.key_path), policy_paths=[POLICY],
+        policy_data=policy_data or {},
         mqtt={"cert": tmp_path / "c.pem", "key": tmp_path / "c.key"},
         train={"steps": 15, "batch_size": 4, "seq_len": 32},
     )
@@ -84,10 +85,7 @@ def test_allowed_update_is_signed_audited_and_queued(tmp_path: Path, backend: Ba
 
 
 def test_policy_deny_is_audited_with_reasons_and_nothing_is_queued(tmp_path: Path, backend: Backend) -> None:
-    strict = tmp_path / "strict.rego"
-    strict.write_text(POLICY.read_text().replace(":= 16777216", ":= 1024"))
-    assert strict.read_text() != POLICY.read_text(), "the size limit literal moved; update this test"
-    agent = _agent(tmp_path, backend, policy=strict)
+    agent = _agent(tmp_path, backend, policy_data={"fednestd": {"egress_config": {"max_total_bytes": 1024}}})
     result = agent.handle_announcement(backend.announce(1))
     assert result is not None and result.decision is not None and not result.decision.allow
     assert len(agent.outbox) == 0
@@ -130,3 +128,25 @@ def test_announcement_not_signed_by_the_backend_is_refused(tmp_path: Path, backe
     payload = row["payload"] if isinstance(row["payload"], dict) else json.loads(row["payload"])
     assert "signature does not verify" in payload["reason"]
     assert agent.updater.installed_version() is None
+
+
+def test_bundle_installs_over_http(tmp_path: Path, backend: Backend) -> None:
+    import threading
+
+    from fednestd.backend.compiler import bundle_server
+
+    raw = json.loads(backend.announce(1))
+    server = bundle_server(backend.bundles, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        key = crypto.load_private_key(backend.key_path)
+        ann = Announcement(raw["version"], url, raw["manifest_sha256"], raw["created_at"]).encode(key)
+        agent = _agent(tmp_path, backend)
+        result = agent.handle_announcement(ann)
+        assert result is not None and result.update_id is not None
+        assert agent.updater.installed_version() == 1
+    finally:
+        server.shutdown()
+        server.server_close()

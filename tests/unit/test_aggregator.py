@@ -25,6 +25,7 @@ def agg(tmp_path: Path) -> Aggregator:
     crypto.generate_signing_key(cfg.signing_key)
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"text": "x"}) + "\n")
+    (tmp_path / "p.rego").write_text("package fednestd.egress\n")
     registry = DeviceRegistry(cfg.device_registry, ca)
     for device in ("dev-a", "dev-b"):
         registry.enroll(device, ca_key, tmp_path / device, crypto.public_key_path(cfg.signing_key),
