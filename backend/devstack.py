@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +105,7 @@ class DevPki:
         return self._devices[device_id]
 
 
-class _Subprocess:
+class _Subprocess(ABC):
     """Shared lifecycle: a child process whose stdout/stderr go to a log file in the work dir."""
 
     name = "server"
@@ -172,8 +173,9 @@ class _Subprocess:
     ) -> None:
         self.cleanup()
 
+    @abstractmethod
     def start(self) -> None:
-        raise NotImplementedError
+        """Launch the server and return once it accepts clients."""
 
 
 class MosquittoServer(_Subprocess):

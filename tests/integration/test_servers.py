@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import time
 import uuid
@@ -202,6 +203,17 @@ def test_bootstrap_topics_is_idempotent(kafka: KafkaServer) -> None:
     assert asyncio.run(bootstrap_topics(kafka.bootstrap)) == []  # the fixture created them already
     assert asyncio.run(bootstrap_topics(kafka.bootstrap)) == []
     assert set(KAFKA_TOPICS) <= asyncio.run(_list_topics(kafka.bootstrap))
+
+
+def test_bootstrap_topics_cli(kafka: KafkaServer, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fednestd.backend.cli import app
+
+    cfg = tmp_path / "tier1.yaml"
+    cfg.write_text(json.dumps({"kafka": {"bootstrap": kafka.bootstrap}, "mqtt": {"cert": "c", "key": "k"}}))
+    result = CliRunner().invoke(app, ["messaging", "bootstrap-topics", "-c", str(cfg)])
+    assert result.exit_code == 0 and "none (all existed)" in result.output, result.output
 
 
 def test_kafka_does_not_auto_create_topics(kafka: KafkaServer) -> None:
