@@ -170,7 +170,7 @@ class Aggregator:
         )
         await producer.start()
         await consumer.start()
-        made = 0
+        made, uncommitted = 0, False
         try:
             announcement = await asyncio.to_thread(self.announcement)
             await producer.send_and_wait(KAFKA_ROUNDS, announcement, key=b"announce")
@@ -178,6 +178,7 @@ class Aggregator:
                 if stop is not None and stop.is_set():
                     break
                 batch = await consumer.getmany(timeout_ms=500)
+                uncommitted = uncommitted or bool(batch)
                 for records in batch.values():
                     for record in records:
                         try:
@@ -196,8 +197,9 @@ class Aggregator:
                             made += 1
                             if on_version is not None:
                                 on_version(outcome)
-                if not self.buffer:
+                if uncommitted and not self.buffer:
                     await consumer.commit()  # everything consumed is merged or dead-lettered
+                    uncommitted = False
         finally:
             await consumer.stop()
             await producer.stop()

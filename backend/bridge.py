@@ -10,12 +10,15 @@ Downlink: model announcements from Kafka are republished to MQTT, retained.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 import ssl
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -63,6 +66,12 @@ class BridgeStats:
     announced: int = 0
 
 
+def _report_failure(topic: str, future: concurrent.futures.Future[None]) -> None:
+    """Kafka unavailable: the message stays unacknowledged, so the broker redelivers it to a bridge later."""
+    if not future.cancelled() and future.exception() is not None:
+        log.error("could not forward a message from %s (not acknowledged): %r", topic, future.exception())
+
+
 def _log_crash(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("announcement relay stopped: %r", task.exception())
@@ -104,28 +113,37 @@ class Bridge:
 
     def _on_message(self, client: mqtt.Client, _ud: object, msg: mqtt.MQTTMessage) -> None:
         assert self._loop is not None
-        asyncio.run_coroutine_threadsafe(self._forward(client, msg.topic, msg.payload, msg.mid, msg.qos), self._loop)
+        future = asyncio.run_coroutine_threadsafe(
+            self._forward(client, msg.topic, msg.payload, msg.mid, msg.qos), self._loop
+        )
+        future.add_done_callback(functools.partial(_report_failure, msg.topic))
 
     async def _forward(self, client: mqtt.Client, topic: str, payload: bytes, mid: int, qos: int) -> None:
-        assert self._producer is not None
         try:
             env = check_update(topic, payload, self.devices)
         except EnvelopeError as err:
             log.warning("rejected update on %s: %s", topic, err)
-            await self._producer.send_and_wait(
-                KAFKA_DEADLETTER, payload, key=topic.encode(), headers=deadletter_headers("bridge", err, topic)
-            )
+            await self._produce(KAFKA_DEADLETTER, payload, topic.encode(), deadletter_headers("bridge", err, topic))
             self.stats.rejected += 1
         else:
-            await self._producer.send_and_wait(
-                KAFKA_UPDATES,
-                payload,
-                key=env.device_id.encode(),
-                headers=[("update_id", env.update_id.encode()), ("device_id", env.device_id.encode())],
-            )
+            headers = [("update_id", env.update_id.encode()), ("device_id", env.device_id.encode())]
+            await self._produce(KAFKA_UPDATES, payload, env.device_id.encode(), headers)
             self.stats.forwarded += 1
             log.info("forwarded update %s from %s (base v%d)", env.update_id, env.device_id, env.base_version)
         client.ack(mid, qos)  # only now may the broker forget the message
+
+    async def _produce(self, topic: str, value: bytes, key: bytes, headers: list[tuple[str, bytes]]) -> None:
+        """Retry until Kafka has the record: the MQTT message stays unacknowledged (and owned) meanwhile."""
+        assert self._producer is not None
+        delay = 1.0
+        while True:
+            try:
+                await self._producer.send_and_wait(topic, value, key=key, headers=headers)
+                return
+            except KafkaError as exc:
+                log.error("Kafka refused a record for %s (%r); retrying in %.0fs", topic, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 30.0)
 
     async def _announce_loop(self) -> None:
         consumer = AIOKafkaConsumer(

@@ -169,7 +169,9 @@ def decode(data: bytes) -> DeltaEnvelope:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
+        if not isinstance(info, dict):
+            raise EnvelopeError("malformed", f"header entry {name!r} is not a tensor description")
+        if info.get("dtype") not in _DTYPES:
             raise EnvelopeError("bad_dtype", f"tensor {name!r} has dtype {info.get('dtype')!r}, expected F32")
         if not name.endswith(ADAPTER_SUFFIXES):
             raise EnvelopeError("unknown_tensor", f"tensor {name!r} is not a LoRA adapter tensor")
