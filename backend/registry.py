@@ -12,9 +12,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from safetensors.numpy import load_file, save_file
-
+from fednestd.shared.checkpoint import Parts, load_parts, save_parts
 from fednestd.shared.config import BackendConfig, ModelConfig
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -24,7 +22,6 @@ import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 EXPERIMENT = "fednestd-federation"
-Parts = dict[str, dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -69,9 +66,7 @@ class ModelRegistry:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp) / "model"
             root.mkdir()
-            for part in ("core", "experts"):
-                tensors = {k: np.ascontiguousarray(v) for k, v in parts[part].items()}
-                save_file(tensors, str(root / f"{part}.safetensors"))
+            save_parts(parts, root)
             (root / "model_config.json").write_text(cfg.model_dump_json(indent=1))
             (root / "lineage.json").write_text(json.dumps(lineage, indent=1, sort_keys=True))
             self._client.log_artifacts(run_id, str(root), artifact_path="model")
@@ -95,9 +90,7 @@ class ModelRegistry:
         mv = self._client.get_model_version(self.name, str(version))
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp))
-            parts: Parts = {"adapters": {}}
-            for part in ("core", "experts"):
-                parts[part] = load_file(str(local / f"{part}.safetensors"))
+            parts = load_parts(local)
             lineage = json.loads((local / "lineage.json").read_text())
         return ModelVersion(version=version, parts=parts, tags=dict(mv.tags), lineage=lineage)
 
