@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fednestd.agent.storage import open_durable
+from fednestd.agent.storage import DurableStore
 
 GENESIS_HASH = "0" * 64
 TABLE = "audit"
@@ -53,28 +52,17 @@ def entry_hash(prev_hash: str, seq: int, ts: str, event: str, payload: str) -> s
     return hashlib.sha256(f"{prev_hash}|{seq}|{ts}|{event}|{payload}".encode()).hexdigest()
 
 
-class AuditLog:
+class AuditLog(DurableStore):
     """Append-only, hash-chained audit table in a local SQLite file (WAL)."""
 
     def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self._db = open_durable(self.path)
+        super().__init__(path)
         self._db[TABLE].create(
             {"seq": int, "ts": str, "event": str, "payload": str, "prev_hash": str, "hash": str},
             pk="seq",
             not_null={"ts", "event", "payload", "prev_hash", "hash"},
             if_not_exists=True,
         )
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> AuditLog:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def record(self, event: str, payload: dict[str, Any]) -> int:
         """Append one event in a single transaction and return its seq."""

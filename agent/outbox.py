@@ -8,14 +8,13 @@ Durability: WAL with synchronous=FULL, so an `enqueue` that returned has been fs
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fednestd.agent.storage import open_durable
+from fednestd.agent.storage import DurableStore
 
 TABLE = "outbox"
 
@@ -44,12 +43,11 @@ class OutboxItem:
     last_error: str | None
 
 
-class Outbox:
+class Outbox(DurableStore):
     """SQLite-backed queue; one instance per process, safe to share between threads."""
 
     def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self._db = open_durable(self.path)
+        super().__init__(path)
         self._db[TABLE].create(
             {
                 "update_id": str,
@@ -64,16 +62,6 @@ class Outbox:
             defaults={"attempts": 0},
             if_not_exists=True,
         )
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> Outbox:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def enqueue(self, update_id: str, topic: str, payload: bytes) -> bool:
         """Store an update durably; True if new, False if this exact update was already queued.

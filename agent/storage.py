@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
 from pathlib import Path
+from typing import Self
 
 import sqlite_utils
 
@@ -16,3 +18,21 @@ def open_durable(path: Path) -> sqlite_utils.Database:
     db.enable_wal()
     db.execute("PRAGMA synchronous=FULL")
     return db
+
+
+class DurableStore:
+    """One SQLite file, opened durably, shared by this process's threads under one lock."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._db = open_durable(self.path)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
