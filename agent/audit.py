@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -121,16 +119,3 @@ class AuditLog(DurableStore):
                 raise AuditError(f"audit row seq {row['seq']} has a payload that is not JSON: {exc}") from exc
             out.append(row)
         return out
-
-    @contextmanager
-    def _immediate(self) -> Iterator[None]:
-        """BEGIN IMMEDIATE: take the write lock before reading the chain head, so two processes
-        appending at once cannot both link to the same previous row."""
-        conn = self._db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")

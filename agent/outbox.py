@@ -8,8 +8,6 @@ Durability: WAL with synchronous=FULL, so an `enqueue` that returned has been fs
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -124,16 +122,3 @@ class Outbox(DurableStore):
     def __len__(self) -> int:
         with self._lock:
             return int(self._db.execute(f"SELECT count(*) FROM {TABLE}").fetchone()[0])
-
-    @contextmanager
-    def _immediate(self) -> Iterator[None]:
-        """BEGIN IMMEDIATE: take the write lock before the duplicate check, so a second process
-        enqueueing the same update_id waits instead of failing on the lock upgrade."""
-        conn = self._db.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
