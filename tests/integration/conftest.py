@@ -107,21 +107,17 @@ def make_federation(tmp_path: Path, pki: DevPki, mosquitto: MosquittoServer,
 
 
 @pytest.fixture
-def device_link(pki: DevPki, mosquitto: MosquittoServer) -> Iterator[Callable[[Federation, str], Uplink]]:
+def device_link(make_uplink: Callable[..., Uplink]) -> Callable[[Federation, str], Uplink]:
     """Factory: a device's Uplink, returned once this federation's bridge relays its announcement.
 
     Until a bridge subscribes, updates have no receiver; a retained announcement of an earlier
     federation on the shared broker does not count (it is signed by another backend key).
     """
-    opened: list[Uplink] = []
 
     def link(fed: Federation, device_id: str) -> Uplink:
         backend = load_config(fed.tier1_path, BackendConfig)
         backend_key = crypto.load_public_key(crypto.public_key_path(backend.signing_key))
-        cert, key = pki.device(device_id)
-        uplink = Uplink(mosquitto.host, mosquitto.port, pki.ca, cert, key, client_id=f"{device_id}-test")
-        uplink.connect()
-        opened.append(uplink)
+        uplink = make_uplink(device_id, client_id=f"{device_id}-test")
         ready = threading.Event()
 
         def on_announce(_topic: str, raw: bytes) -> None:
@@ -135,6 +131,4 @@ def device_link(pki: DevPki, mosquitto: MosquittoServer) -> Iterator[Callable[[F
         fed.wait_for(ready.is_set, timeout=120, what="this backend's announcement (bridge up)")
         return uplink
 
-    yield link
-    for uplink in opened:
-        uplink.close()
+    return link
