@@ -84,8 +84,8 @@ class Aggregator:
         return latest
 
     def _load(self, version: int) -> None:
-        self.model_cfg = self.registry.model_config(version)
-        self.parts = self.registry.load(version).parts
+        stored = self.registry.load(version)
+        self.model_cfg, self.parts = stored.model, stored.parts
         self.version = version
         self._shapes = adapter_shapes(self.model_cfg)
         self.seen = self.registry.recent_update_ids(self.cfg.aggregation.staleness_limit + 2)

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from fednestd.backend.devstack import DevPki, KafkaServer, MosquittoServer
 from fednestd.backend.federation import Federation, fresh_dir
-from fednestd.backend.registry import ModelRegistry
+from fednestd.backend.registry import ModelRegistry, ModelVersion
 from fednestd.backend.shakespeare import partition_roles, write_jsonl
 from fednestd.shared.config import AggregationConfig, BackendConfig, load_config
 from fednestd.shared.data import encode_stream, read_jsonl, split_heldout, windows
@@ -23,13 +23,12 @@ from fednestd.shared.model import build_model, lm_loss, load_partitions
 TRAIN = {"steps": 40, "batch_size": 8, "seq_len": 64, "learning_rate": 0.01, "heldout_fraction": 0.1}
 
 
-def heldout_loss(registry: ModelRegistry, version: int, texts: list[str]) -> float:
+def heldout_loss(stored: ModelVersion, texts: list[str]) -> float:
     """Backend-side evaluation of one version on one device's held-out lines (torch, same math)."""
-    cfg = registry.model_config(version)
-    model = build_model(cfg)
-    load_partitions(model, registry.load(version).parts)
+    model = build_model(stored.model)
+    load_partitions(model, stored.parts)
     model.eval()
-    x, y = windows(encode_stream(texts), cfg.max_seq_len)
+    x, y = windows(encode_stream(texts), stored.model.max_seq_len)
     with torch.no_grad():
         return float(lm_loss(model, torch.from_numpy(x), torch.from_numpy(y)))
 
@@ -99,7 +98,8 @@ def run_demo(workdir: Path, n_devices: int = 3, versions: int = 3, timeout: floa
             mosquitto.stop()
 
     all_versions = registry.versions()
-    losses = {d: [heldout_loss(registry, v, heldout[d]) for v in all_versions] for d in device_ids}
+    stored = {v: registry.load(v) for v in all_versions}
+    losses = {d: [heldout_loss(stored[v], heldout[d]) for v in all_versions] for d in device_ids}
     rows = []
     table = Table(title="fednestd demo: held-out loss (nats/byte) before -> after each merge")
     table.add_column("version")
@@ -108,7 +108,7 @@ def run_demo(workdir: Path, n_devices: int = 3, versions: int = 3, timeout: floa
         table.add_column(device_id)
     table.add_column("mean")
     for i, version in enumerate(all_versions[1:], 1):
-        lineage = registry.load(version).lineage
+        lineage = stored[version].lineage
         merged = ", ".join(f"{u['device_id'].removeprefix('device-')}@v{u['base_version']}" for u in lineage["updates"])
         before = [losses[d][i - 1] for d in device_ids]
         after = [losses[d][i] for d in device_ids]

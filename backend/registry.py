@@ -27,6 +27,7 @@ EXPERIMENT = "fednestd-federation"
 @dataclass(frozen=True)
 class ModelVersion:
     version: int
+    model: ModelConfig
     parts: Parts
     tags: dict[str, str]
     lineage: dict
@@ -87,24 +88,30 @@ class ModelRegistry:
         return int(mv.version)
 
     def load(self, version: int) -> ModelVersion:
+        """One download of the version's artifacts: sizes, partitions and lineage together."""
         mv = self._client.get_model_version(self.name, str(version))
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp))
-            parts = load_parts(local)
-            lineage = json.loads((local / "lineage.json").read_text())
-        return ModelVersion(version=version, parts=parts, tags=dict(mv.tags), lineage=lineage)
+            return ModelVersion(
+                version=version,
+                model=ModelConfig.model_validate_json((local / "model_config.json").read_text()),
+                parts=load_parts(local),
+                tags=dict(mv.tags),
+                lineage=json.loads((local / "lineage.json").read_text()),
+            )
 
-    def model_config(self, version: int) -> ModelConfig:
+    def lineage(self, version: int) -> dict:
+        """Only the lineage file: dedup needs no weights."""
         mv = self._client.get_model_version(self.name, str(version))
         with tempfile.TemporaryDirectory() as tmp:
-            path = mlflow.artifacts.download_artifacts(artifact_uri=f"{mv.source}/model_config.json", dst_path=tmp)
-            return ModelConfig.model_validate_json(Path(path).read_text())
+            path = mlflow.artifacts.download_artifacts(artifact_uri=f"{mv.source}/lineage.json", dst_path=tmp)
+            return json.loads(Path(path).read_text())
 
     def recent_update_ids(self, depth: int) -> set[str]:
         """Update ids merged into the last `depth` versions: older ones are refused as stale anyway."""
         ids: set[str] = set()
         for version in self.versions()[-depth:]:
-            ids.update(u["update_id"] for u in self.load(version).lineage.get("updates", []))
+            ids.update(u["update_id"] for u in self.lineage(version).get("updates", []))
         return ids
 
     def set_alias(self, alias: str, version: int) -> None:
