@@ -90,7 +90,7 @@ class Agent:
         self.status["evals"][str(ann.version)] = heldout
         self._save_status()
         log.info("installed v%d, held-out loss %.4f", ann.version, heldout)
-        if self.cfg.exit_after_version is not None and ann.version >= self.cfg.exit_after_version:
+        if self._final_version(ann.version):
             return CycleResult(ann.version, heldout, None, None)
         result = trainer.train(self.split.train, self.cfg.train)
         env = envelope.DeltaEnvelope(
@@ -159,9 +159,7 @@ class Agent:
                 result = self.handle_announcement(raw)
                 if result is None:
                     continue
-                if result.update_id is None and self.cfg.exit_after_version is not None and (
-                    result.version >= self.cfg.exit_after_version
-                ):
+                if self._final_version(result.version):
                     return
                 self.flush_outbox()
                 if result.update_id is not None:
@@ -170,6 +168,9 @@ class Agent:
                         return
         finally:
             self.uplink.close()
+
+    def _final_version(self, version: int) -> bool:
+        return self.cfg.exit_after_version is not None and version >= self.cfg.exit_after_version
 
     def _connect(self, max_delay_s: float = 60.0) -> None:
         """Retry an unreachable broker with backoff; a refused certificate is fatal (systemd restarts us)."""
